@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -287,8 +288,15 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
                  f"{key} must be an integer, got {value!r}")
         return value
     if annotation is float:
+        # PyYAML follows YAML 1.1, which reads `1e-4` (no dot) as a string, so parse it here.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _require(isinstance(value, (int, float)) and not isinstance(value, bool),
                  f"{key} must be a number, got {value!r}")
+        _require(math.isfinite(value), f"{key} must be a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         _require(isinstance(value, str), f"{key} must be a string, got {value!r}")

@@ -4,7 +4,12 @@
 and scans over the new tokens with no host synchronisation per token. The prompt length T and
 `max_new_tokens` are the only shape parameters, so `generate_text` pads prompts up to a bucket
 length and a new prompt within the same bucket reuses the compiled program. Sampling knobs are
-traced arrays and never force a recompile.
+traced arrays and never force a recompile. The layer weights are split per layer once per call,
+before the decode loop (see `jaxllm.model.unstack_layers`).
+
+`default_decode_dtype` picks the compute dtype for decoding by backend: float32 on CPU, where
+XLA computes bfloat16 matmuls in float32 anyway and the extra conversions make bfloat16 no
+faster, and bfloat16 on GPU and TPU, where it halves the weight bytes read per token.
 """
 
 from __future__ import annotations
@@ -20,11 +25,20 @@ from jaxllm.config import ModelConfig
 from jaxllm.errors import UserInputError
 from jaxllm.kv_cache import KVCache
 from jaxllm.losses import token_log_probs
-from jaxllm.model import forward, positions_from_mask
+from jaxllm.model import forward, positions_from_mask, unstack_layers
 from jaxllm.sampling import sample_token
 
 # Smallest prompt bucket; buckets double from here up to the context length.
 MIN_PROMPT_BUCKET = 16
+
+
+def default_decode_dtype(backend: str | None = None) -> jnp.dtype:
+    """Return the compute dtype for decoding on `backend` (default: `jax.default_backend()`).
+
+    float32 on "cpu", bfloat16 on every other backend.
+    """
+    backend = backend or jax.default_backend()
+    return jnp.dtype(jnp.float32 if backend == "cpu" else jnp.bfloat16)
 
 
 class GenerateOutput(NamedTuple):
@@ -40,10 +54,51 @@ class GenerateOutput(NamedTuple):
     mask: jnp.ndarray
 
 
+def generate(
+    params,
+    prompt_tokens: jnp.ndarray,
+    prompt_mask: jnp.ndarray,
+    rng: jax.Array,
+    *,
+    config: ModelConfig,
+    max_new_tokens: int,
+    temperature,
+    top_k,
+    top_p,
+    stop_ids,
+    pad_id: int,
+    compute_dtype: Any = jnp.float32,
+    cache_dtype: Any = None,
+) -> GenerateOutput:
+    """Generate `max_new_tokens` tokens for each row of a left-padded prompt batch.
+
+    prompt_tokens, prompt_mask: [B, T]; every row needs at least one real token, and the last
+    column must be real (left padding). stop_ids: [num_stop] int32; a row stops after emitting
+    one of them. temperature, top_k, top_p: scalars or [B] arrays (see `sample_token`).
+    The knobs are cast to fixed dtypes here, so `temperature=1` and `temperature=1.0` share
+    one compiled program.
+    """
+    return _generate(
+        params,
+        jnp.asarray(prompt_tokens, jnp.int32),
+        jnp.asarray(prompt_mask, bool),
+        rng,
+        config=config,
+        max_new_tokens=max_new_tokens,
+        temperature=jnp.asarray(temperature, jnp.float32),
+        top_k=jnp.asarray(top_k, jnp.int32),
+        top_p=jnp.asarray(top_p, jnp.float32),
+        stop_ids=jnp.asarray(stop_ids, jnp.int32).reshape(-1),
+        pad_id=jnp.asarray(pad_id, jnp.int32),
+        compute_dtype=compute_dtype,
+        cache_dtype=cache_dtype,
+    )
+
+
 @functools.partial(
     jax.jit, static_argnames=("config", "max_new_tokens", "compute_dtype", "cache_dtype")
 )
-def generate(
+def _generate(
     params,
     prompt_tokens: jnp.ndarray,
     prompt_mask: jnp.ndarray,
@@ -59,15 +114,11 @@ def generate(
     compute_dtype: Any = jnp.float32,
     cache_dtype: Any = None,
 ) -> GenerateOutput:
-    """Generate `max_new_tokens` tokens for each row of a left-padded prompt batch.
-
-    prompt_tokens, prompt_mask: [B, T]; every row needs at least one real token, and the last
-    column must be real (left padding). stop_ids: [num_stop] int32; a row stops after emitting
-    one of them. temperature, top_k, top_p: scalars or [B] arrays (see `sample_token`).
-    """
     B, T = prompt_tokens.shape
     cache = KVCache.allocate(config, B, T + max_new_tokens, cache_dtype or compute_dtype)
-    run = functools.partial(forward, params, config=config, compute_dtype=compute_dtype)
+    run = functools.partial(
+        forward, unstack_layers(params), config=config, compute_dtype=compute_dtype
+    )
     sample = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p)
     stop_ids = jnp.asarray(stop_ids, jnp.int32)
 

@@ -43,7 +43,8 @@ def filter_top_p(logits: jnp.ndarray, top_p) -> jnp.ndarray:
     descending = -jnp.sort(-logits, axis=-1)
     probs = jax.nn.softmax(descending, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    kept_count = jnp.sum(mass_before < p, axis=-1, keepdims=True)
+    # The most likely token is always kept, so top_p <= 0 behaves like greedy filtering.
+    kept_count = jnp.maximum(jnp.sum(mass_before < p, axis=-1, keepdims=True), 1)
     threshold = jnp.take_along_axis(descending, kept_count - 1, axis=-1)
     keep = (logits >= threshold) | (p >= 1.0)
     return jnp.where(keep, logits, FILTERED_LOGIT)
