@@ -9,6 +9,7 @@ from jaxllm.model.transformer import (
     init_params,
     param_shapes,
     positions_from_mask,
+    unstack_layers,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "positions_from_mask",
     "rope_angles",
     "rope_inverse_frequencies",
+    "unstack_layers",
 ]

@@ -1,9 +1,15 @@
 """The Llama 3 decoder and its pure forward pass `forward(params, tokens, positions, ...)`.
 
 Layer parameters are stacked on a leading L axis. Without a cache the layers run under
-`nn.scan`, which keeps compile time flat in depth. With a `KVCache` the same stacked parameters
-are sliced per layer and the layers are unrolled, so each layer updates its own cache buffer in
-place; scanning over layers there would copy the whole cache at every decode step.
+`nn.scan`, which keeps compile time flat in depth. With a `KVCache` the layers are unrolled, so
+each layer reads its weights and updates its own cache buffer in place.
+
+Decoding loops should pass `unstack_layers(params)`: the same weights as L separate per-layer
+trees. XLA:CPU (jaxlib 0.10.2) copies a layer's weights out of the stacked array whenever a
+slice of it feeds a matmul, and inside a `lax.scan` over decode steps it repeats that copy at
+every step, which halved seed-190m decode speed (`python -m jaxllm.bench decode`, 2-core EPYC).
+Slicing once before the loop removes the copy from the loop body. A scan over layers slices at a
+traced index, so it cannot avoid the copy and stays unrolled here.
 
 Llama 3 reference: arXiv:2407.21783. Departure: none in the math; RMSNorm multiplies the float32
 normalised activations by the weight before casting back (Hugging Face casts first), which
@@ -52,6 +58,11 @@ class Transformer(nn.Module):
             length=cfg.num_layers,
         )(cfg, self.dtype, return_kv=False, name="layers")
         if cache is None:
+            if not self.is_initializing() and _is_unstacked(self.variables["params"]["layers"]):
+                raise ValueError(
+                    "per-layer parameters from unstack_layers only work with a KVCache; pass "
+                    "the stacked parameters for a forward pass without a cache"
+                )
             T = tokens.shape[1]
             causal = jnp.tril(jnp.ones((T, T), bool))
             attn_mask = causal[None, :, :] & mask[:, None, :]
@@ -78,17 +89,42 @@ class Transformer(nn.Module):
         key_slots = jnp.arange(cache.max_len)
         attn_mask = (key_slots[None, None, :] <= query_slots[None, :, None]) & key_mask[:, None, :]
 
-        stacked = self.variables["params"]["layers"]
+        layers = self.variables["params"]["layers"]
         block = Block(self.config, self.dtype, parent=None)
         keys, values = [], []
         for i in range(self.config.num_layers):
-            layer_params = jax.tree.map(lambda leaf, i=i: leaf[i], stacked)
+            if _is_unstacked(layers):
+                layer_params = layers[str(i)]
+            else:
+                layer_params = jax.tree.map(lambda leaf, i=i: leaf[i], layers)
             kv = (cache.keys[i], cache.values[i])
             x, (k, v) = block.apply({"params": layer_params}, x, cos, sin, attn_mask, kv, cache.end)
             keys.append(k)
             values.append(v)
         cache = KVCache(keys=tuple(keys), values=tuple(values), key_mask=key_mask, end=cache.end + T)
         return x, cache
+
+
+def _is_unstacked(layers) -> bool:
+    """True for the per-layer form of `unstack_layers` (keys "0" .. "L-1")."""
+    return "0" in layers
+
+
+def unstack_layers(params):
+    """Split the stacked layer parameters into L per-layer trees under keys "0" .. "L-1".
+
+    Every other entry is passed through unchanged. `forward` accepts the result only together
+    with a `KVCache`. Call it once outside a decode loop; inside a jitted function the split
+    costs one copy of the layer weights per call.
+    """
+    layers = params["layers"]
+    if _is_unstacked(layers):
+        return params
+    num_layers = jax.tree.leaves(layers)[0].shape[0]
+    per_layer = {
+        str(i): jax.tree.map(lambda leaf, i=i: leaf[i], layers) for i in range(num_layers)
+    }
+    return {**params, "layers": per_layer}
 
 
 def positions_from_mask(mask: jnp.ndarray) -> jnp.ndarray:
@@ -109,7 +145,8 @@ def forward(
     """Run the decoder; returns float32 logits [B, T, V] and the updated cache (or None).
 
     tokens, positions: [B, T] int32. mask: [B, T] bool, True for real tokens (default all).
-    With a cache the tokens are written at slots [cache.end, cache.end + T).
+    With a cache the tokens are written at slots [cache.end, cache.end + T), and `params` may
+    be the per-layer form that `unstack_layers` returns.
     """
     model = Transformer(config, compute_dtype)
     return model.apply({"params": params}, tokens, positions, mask, cache)
