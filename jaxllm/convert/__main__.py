@@ -14,12 +14,8 @@ import logging
 import re
 import sys
 
-from jaxllm.convert.hf import (
-    DEFAULT_MAX_SHARD_BYTES,
-    EXPORT_DTYPES,
-    export_run_to_hf,
-    import_hf_run,
-)
+from jaxllm.convert.hf import EXPORT_DTYPES, export_run_to_hf, import_hf_run
+from jaxllm.convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES
 from jaxllm.errors import UserInputError
 
 # Decimal and binary size units accepted by --max-shard-size.
