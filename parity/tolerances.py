@@ -91,7 +91,7 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ),
     ("decode", "bfloat16"): Tolerance(
         atol=1.2e-1, rtol=2e-2,
-        reason=f"as logits in bfloat16, with keys and values stored in bfloat16 on both sides",
+        reason="as logits in bfloat16, with keys and values stored in bfloat16 on both sides",
     ),
     ("cache_consistency", "float32"): Tolerance(
         atol=1e-5, rtol=0.0,

@@ -14,6 +14,7 @@ import logging
 import re
 import sys
 
+from jaxllm.cli import report_user_error
 from jaxllm.convert.hf import EXPORT_DTYPES, export_run_to_hf, import_hf_run
 from jaxllm.convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES
 from jaxllm.errors import UserInputError
@@ -111,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(argv)
     except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
     return 0
 
 

@@ -18,6 +18,7 @@ only matters for bfloat16 and float16 compute.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -152,8 +153,12 @@ def forward(
     return model.apply({"params": params}, tokens, positions, mask, cache)
 
 
+@functools.partial(jax.jit, static_argnames="config")
 def init_params(config: ModelConfig, rng: jax.Array):
-    """Initialise float32 parameters: normal(init_std) kernels and embedding, unit norm scales."""
+    """Initialise float32 parameters: normal(init_std) kernels and embedding, unit norm scales.
+
+    Compiled as one program: run eagerly, Flax initialisation dispatches dozens of small ones.
+    """
     tokens = jnp.zeros((1, 1), jnp.int32)
     return Transformer(config).init(rng, tokens, tokens)["params"]
 
