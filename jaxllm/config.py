@@ -395,8 +395,12 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
                  "for example train.steps=200")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or "invalid YAML"
+            raise ConfigError(
+                f"cannot parse the value of {key} ({raw!r}: {problem}); quote strings that "
+                "start with * or contain ': ', for example data.files='[\"*.txt\"]'"
+            ) from None
         parts = key.split(".")
         _require(len(parts) >= 2,
                  f"invalid override key {key!r}; name a section and a field, "

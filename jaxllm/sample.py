@@ -77,7 +77,10 @@ def decode_settings(config: Config, args: argparse.Namespace):
         return dataclasses.replace(config.decode, **overrides)
     except ConfigError as error:
         # The config names fields as decode.<name>; the user typed --<name>.
-        raise UserInputError(f"invalid sampling option: {error}") from None
+        message = str(error)
+        for name in overrides:
+            message = message.replace(f"decode.{name}", "--" + name.replace("_", "-"))
+        raise UserInputError(f"invalid sampling option: {message}") from None
 
 
 def sample(args: argparse.Namespace) -> list[str]:
@@ -104,7 +107,10 @@ def sample(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # force: absl, imported through orbax, has configured the root logger already.
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True
+    )
     try:
         texts = sample(args)
     except UserInputError as error:

@@ -7,12 +7,10 @@ tolerance and PASS or FAIL. Exits with status 1 when any rung fails or raises, 0
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 import traceback
-
-from parity.harness import available_devices, pin_precision
-from parity.tolerances import tolerance
 
 _HEADER = (
     f"{'rung':<32} {'dtype':<9} {'device':<6} {'max-abs':>10} {'max-rel':>10} "
@@ -27,6 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rung", action="append", default=[],
                         help="run only rungs whose name starts with this prefix; repeatable")
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("torch") is None:
+        print("error: the parity suite needs PyTorch; install it with pip install -e '.[torch]'",
+              file=sys.stderr)
+        return 2
+    # Imported here, so that --help works without torch.
+    from parity.harness import available_devices, pin_precision
+    from parity.tolerances import tolerance
+
     devices = args.device or available_devices()
     missing = sorted(set(devices) - set(available_devices()))
     if missing:

@@ -290,3 +290,18 @@ def test_garbled_data_position(saved_run, tmp_path):
     assert sizes["data_position/metadata"] == metadata.stat().st_size
     with pytest.raises(CheckpointError, match="checkpoint step 3 .*corrupt or truncated"):
         restore_train_state(run, abstract_train_state(config))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_changed_bytes_in_array_file(saved_run, tmp_path):
+    # The size record matches, so only Orbax's failed decode can report this file.
+    config, run_dir, *_ = saved_run
+    run = copy_run(run_dir, tmp_path)
+    victim = largest_file(checkpoint_dir(run) / "3" / "params" / "d")
+    data = bytearray(victim.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(255 - byte for byte in data[middle:middle + 64])
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checkpoint step 3 .*corrupt or truncated"):
+        restore_params(run, config.model)
+    time.sleep(0.5)

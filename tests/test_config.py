@@ -196,3 +196,11 @@ def test_save_then_read_round_trip(name, tmp_path):
     reread = read_config(path)
 
     assert reread == config
+
+
+def test_override_unparsable_yaml_names_key():
+    # An unquoted leading * is a YAML alias, so the list below cannot be parsed.
+    with pytest.raises(ConfigError, match=r"cannot parse the value of data\.files") as raised:
+        load_config("tiny", ["data.files=[*.txt]"])
+    assert "quote" in str(raised.value)
+    assert load_config("tiny", ['data.files=["*.txt"]']).data.files == ("*.txt",)

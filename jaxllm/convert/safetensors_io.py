@@ -26,6 +26,9 @@ DEFAULT_MAX_SHARD_BYTES = 2_000_000_000
 # safetensors dtype codes that import reads; each is upcast to float32.
 IMPORT_DTYPES = frozenset({"F32", "F16", "BF16"})
 
+# rw-r--r--: safetensors 0.8 creates files readable by their owner only.
+READABLE_FILE_MODE = 0o644
+
 
 def _weight_files(hf_dir: Path) -> list[Path]:
     index = hf_dir / SAFETENSORS_INDEX_FILE
@@ -123,6 +126,7 @@ def write_hf_weights(
     if len(shards) == 1:
         path = out_dir / SAFETENSORS_FILE
         safetensors.numpy.save_file(shards[0], path, metadata=metadata)
+        path.chmod(READABLE_FILE_MODE)
         return [path]
 
     written = []
@@ -130,6 +134,7 @@ def write_hf_weights(
     for number, shard in enumerate(shards, start=1):
         path = out_dir / f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         safetensors.numpy.save_file(shard, path, metadata=metadata)
+        path.chmod(READABLE_FILE_MODE)
         weight_map.update({name: path.name for name in shard})
         written.append(path)
     index = {

@@ -32,6 +32,8 @@ EOT_TOKEN = "<|eot_id|>"
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, START_HEADER_TOKEN, END_HEADER_TOKEN, EOT_TOKEN)
 
 NUM_BYTES = 256
+# rw-r--r--, the mode of a file created under the usual umask 022.
+READABLE_FILE_MODE = 0o644
 MIN_VOCAB_SIZE = NUM_BYTES + len(SPECIAL_TOKENS)
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -145,6 +147,8 @@ class Tokenizer:
         target.parent.mkdir(parents=True, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
         try:
+            # mkstemp creates the file readable by its owner only; a tokenizer is not secret.
+            os.fchmod(descriptor, READABLE_FILE_MODE)
             with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
                 stream.write(self._backend.to_str(pretty=True))
             os.replace(temporary, target)
