@@ -25,6 +25,7 @@ RESULT_FIELDS = {
     "compile_s", "weight_bytes", "cache_bytes_per_cached_token", "timing", "run_seconds",
     "tokens_per_s", "read_bytes", "bytes_per_token", "roofline_tokens_per_s",
     "roofline_fraction", "bandwidth_before_gb_per_s", "load_avg_1m_at_start", "foreign_cpu_cores",
+    "attempts",
 }
 UNCACHED_FIELDS = {"step_profile", "projected_tokens_per_s", "full_run_seconds",
                    "full_run_tokens_per_s"}

@@ -33,12 +33,12 @@ DECODE_DEFAULTS = dict(
     contenders=["jaxllm-cached", "jaxllm-uncached", "torchref-cached", "torchref-uncached"],
     runs=3, prompt_len=16, uncached_max_batch=1, uncached_dtypes=["float32"],
     uncached_full_max_new_tokens=200, uncached_full_runs=1, bandwidth_mib=1024,
-    bandwidth_runs=5,
+    bandwidth_runs=5, max_foreign_cores=0.25, retries=1,
 )
 DECODE_SMOKE_DEFAULTS = dict(
     DECODE_DEFAULTS, config="tiny", new_tokens=[6], contenders=list(CONTENDER_NAMES),
     prompt_len=8, uncached_full_max_new_tokens=6, uncached_full_runs=3, bandwidth_mib=32,
-    bandwidth_runs=2,
+    bandwidth_runs=2, retries=0,
 )
 TRAIN_DEFAULTS = dict(config="seed-190m", batch=4, seq_len=256, steps=3, dtype="float32",
                       matmul_size=4096, matmul_runs=3)
@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: 1024)")
     decode.add_argument("--bandwidth-runs", type=int, metavar="R",
                         help="timed passes per bandwidth measurement; the best counts (default: 5)")
+    decode.add_argument("--max-foreign-cores", type=float, metavar="CORES",
+                        help="measure a case again when other processes kept more than CORES "
+                             "cores busy during it (default: 0.25)")
+    decode.add_argument("--retries", type=int, metavar="R",
+                        help="extra attempts per case for --max-foreign-cores; the attempt with "
+                             "the least interference counts (default: 1; with --smoke: 0)")
 
     train = commands.add_parser("train", help="training tokens/s and FLOP/s utilisation")
     _add_common_options(train, TRAIN_DEFAULTS, TRAIN_SMOKE_DEFAULTS)
@@ -241,7 +247,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             uncached_full_max_new_tokens=options["uncached_full_max_new_tokens"],
             uncached_full_runs=options["uncached_full_runs"],
             bandwidth_bytes=options["bandwidth_mib"] * MIB,
-            bandwidth_runs=options["bandwidth_runs"], seed=args.seed,
+            bandwidth_runs=options["bandwidth_runs"],
+            max_foreign_cores=options["max_foreign_cores"], retries=options["retries"],
+            seed=args.seed,
         )
         report = run_decode_benchmark(settings, _log)
     else:
