@@ -4,8 +4,8 @@
 and scans over the new tokens with no host synchronisation per token. The prompt length T and
 `max_new_tokens` are the only shape parameters, so `generate_text` pads prompts up to a bucket
 length and a new prompt within the same bucket reuses the compiled program. Sampling knobs are
-traced arrays and never force a recompile. The layer weights are split per layer once per call,
-before the decode loop (see `jaxllm.model.unstack_layers`). When every row decodes greedily,
+traced arrays and never force a recompile. The weights are laid out for decoding once per call,
+before the decode loop (see `jaxllm.model.prepare_decode_params`). When every row decodes greedily,
 a `lax.cond` skips the top-k and top-p filters (two sorts over the vocabulary) and the
 categorical draw, which took about a quarter of a greedy seed-190m decode step on 2 CPU cores
 (docs/benchmarks.md).
@@ -29,7 +29,7 @@ from jaxllm.data.tokenizer import EOT_TOKEN
 from jaxllm.errors import UserInputError
 from jaxllm.kv_cache import KVCache
 from jaxllm.losses import token_log_probs
-from jaxllm.model import forward, positions_from_mask, unstack_layers
+from jaxllm.model import forward, positions_from_mask, prepare_decode_params
 from jaxllm.sampling import MIN_TEMPERATURE, sample_token
 
 # Smallest prompt bucket; buckets double from here up to the context length.
@@ -76,8 +76,10 @@ def generate(
 ) -> GenerateOutput:
     """Generate `max_new_tokens` tokens for each row of a left-padded prompt batch.
 
-    prompt_tokens, prompt_mask: [B, T]; every row needs at least one real token, and the last
-    column must be real (left padding). stop_ids: [num_stop] int32; a row stops after emitting
+    params: the trained parameters, or `prepare_decode_params(params, config, compute_dtype)`
+    made once by a caller that generates many times; raw parameters are laid out for decoding
+    inside every call. prompt_tokens, prompt_mask: [B, T]; every row needs at least one real
+    token, and the last column must be real (left padding). stop_ids: [num_stop] int32; a row stops after emitting
     one of them. temperature, top_k, top_p: scalars or [B] arrays (see `sample_token`).
     The knobs are cast to fixed dtypes here, so `temperature=1` and `temperature=1.0` share
     one compiled program.
@@ -120,9 +122,8 @@ def _generate(
 ) -> GenerateOutput:
     B, T = prompt_tokens.shape
     cache = KVCache.allocate(config, B, T + max_new_tokens, cache_dtype or compute_dtype)
-    run = functools.partial(
-        forward, unstack_layers(params), config=config, compute_dtype=compute_dtype
-    )
+    decode_params = prepare_decode_params(params, config, compute_dtype)
+    run = functools.partial(forward, decode_params, config=config, compute_dtype=compute_dtype)
     sample = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p)
     stop_ids = jnp.asarray(stop_ids, jnp.int32)
     # sample_token also returns the argmax for a greedy row, so the fast path changes no token.

@@ -22,7 +22,7 @@ from jaxllm.config import load_config
 
 RESULT_FIELDS = {
     "contender", "framework", "cached", "layers", "dtype", "batch", "prompt_len", "new_tokens",
-    "compile_s", "weight_bytes", "cache_bytes_per_cached_token", "timing", "run_seconds",
+    "compile_s", "layout_s", "weight_bytes", "cache_bytes_per_cached_token", "timing", "run_seconds",
     "tokens_per_s", "read_bytes", "bytes_per_token", "roofline_tokens_per_s",
     "roofline_fraction", "bandwidth_before_gb_per_s", "load_avg_1m_at_start", "foreign_cpu_cores",
     "attempts",
@@ -35,7 +35,7 @@ COMPARISON_FIELDS = {
     "jaxllm_over_torchref_uncached", "scan_over_unrolled_layers",
 }
 BANDWIDTH_FIELDS = {"array_bytes", "xla_sum_gb_per_s", "xla_copy_gb_per_s", "numpy_sum_gb_per_s",
-                    "numpy_copy_gb_per_s", "runs", "roofline_gb_per_s"}
+                    "numpy_copy_gb_per_s", "runs", "xla_sum_arrays", "roofline_gb_per_s"}
 CONTENDERS = {"jaxllm-cached", "jaxllm-cached-scan", "jaxllm-uncached", "torchref-cached",
               "torchref-uncached"}
 
@@ -81,6 +81,7 @@ def test_decode_smoke_results_have_every_field(decode_report):
         assert row["roofline_tokens_per_s"] > 0
         assert row["bytes_per_token"] >= row["weight_bytes"] / row["batch"]
         assert (row["compile_s"] is None) == (row["framework"] == "torchref")
+        assert (row["layout_s"] is None) == (not row["contender"].startswith("jaxllm-cached"))
 
 
 def test_decode_smoke_summaries_have_every_field(decode_report):

@@ -1,4 +1,4 @@
-"""Tests of the decoder: shapes, parameter layout, RoPE, RMSNorm, masking and cached decoding.
+"""Tests of the decoder: shapes, parameter layouts, RoPE, RMSNorm, masking and cached decoding.
 
 Everything runs in float32, unless a test names bfloat16, with fixed seeds. One jitted
 `forward` serves all tests, so a shape compiled for one test is reused by the next.
@@ -22,6 +22,7 @@ from jaxllm.model import (
     forward,
     param_shapes,
     positions_from_mask,
+    prepare_decode_params,
     rope_angles,
     rope_inverse_frequencies,
 )
@@ -407,3 +408,58 @@ def test_chunked_prefill_matches_full_forward(
         )
         start += size
     assert int(cache.end) == SEQ_LEN
+
+
+# --- the decoding layout ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie_embeddings", TIED)
+def test_decode_params_layout(tiny_model_config, make_params, tie_embeddings):
+    config = dataclasses.replace(tiny_model_config, num_kv_heads=2, tie_embeddings=tie_embeddings)
+    params = make_params(config)
+    decoding = prepare_decode_params(params, config, jnp.bfloat16)
+    D, N, K, H, F = (config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim,
+                     config.mlp_dim)
+
+    assert len(decoding.layers) == config.num_layers
+    assert (decoding.head is None) == tie_embeddings
+    layers = params["layers"]
+    for i, layer in enumerate(decoding.layers):
+        assert layer["qkv"].shape == ((N + 2 * K) * H, D)
+        assert layer["o"].shape == (D, N * H)
+        assert layer["gate_up"].shape == (2 * F, D)
+        assert layer["down"].shape == (D, F)
+        for name in ("qkv", "o", "gate_up", "down"):
+            assert layer[name].dtype == jnp.bfloat16, name
+        assert layer["attn_norm"].dtype == jnp.float32
+        # Row r of the fused [out, in] matrix is output column r of the trained kernels.
+        k_row = N * H + 3
+        np.testing.assert_array_equal(
+            layer["qkv"][k_row], layers["attn"]["k_proj"][i].reshape(D, K * H)[:, 3].astype(jnp.bfloat16)
+        )
+        np.testing.assert_array_equal(
+            layer["gate_up"][F + 5], layers["mlp"]["up_proj"][i][:, 5].astype(jnp.bfloat16)
+        )
+
+
+@pytest.mark.parametrize("tie_embeddings", TIED)
+def test_prepared_params_give_same_cached_logits(tiny_model_config, make_params, tie_embeddings):
+    config = dataclasses.replace(tiny_model_config, tie_embeddings=tie_embeddings)
+    params = make_params(config)
+    tokens = random_tokens(config, (BATCH, PROMPT_LEN), seed=11)
+    positions = jnp.broadcast_to(jnp.arange(PROMPT_LEN), (BATCH, PROMPT_LEN))
+
+    results = []
+    for weights in (params, prepare_decode_params(params, config)):
+        cache = KVCache.allocate(config, BATCH, SEQ_LEN, jnp.float32)
+        logits, _ = jit_forward(weights, tokens, positions, config=config, cache=cache)
+        results.append(logits)
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_decode_params_without_cache_raise(tiny_model_config, make_params):
+    params = make_params(tiny_model_config)
+    decoding = prepare_decode_params(params, tiny_model_config)
+    tokens = random_tokens(tiny_model_config, (1, 4), seed=12)
+    with pytest.raises(ValueError, match="only work with a KVCache"):
+        forward(decoding, tokens, jnp.zeros((1, 4), jnp.int32), config=tiny_model_config)

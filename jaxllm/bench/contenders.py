@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.bench.scan_decode import generate_greedy_scanned
+from jaxllm.bench.scan_decode import generate_greedy_scanned, stack_layers
 from jaxllm.config import ModelConfig
 from jaxllm.convert import to_hf_state_dict
 from jaxllm.generate import generate
-from jaxllm.model import forward
+from jaxllm.model import DecodeParams, forward, prepare_decode_params
 
 CONTENDER_NAMES = (
     "jaxllm-cached",
@@ -108,10 +108,15 @@ def jax_params_for(params, dtype: str):
 _generate_jit = jax.jit(
     generate, static_argnames=("config", "max_new_tokens", "compute_dtype", "cache_dtype")
 )
+_prepare_jit = jax.jit(prepare_decode_params, static_argnames=("config", "compute_dtype"))
 
 
 class JaxCached:
-    """`jaxllm.generate.generate`, greedy, compiled ahead of time."""
+    """`jaxllm.generate.generate`, greedy, compiled ahead of time.
+
+    The weights are laid out for decoding once, outside the timed generations, as a caller that
+    decodes repeatedly would do. `layout_s` is the time of that step, compile included.
+    """
 
     name = "jaxllm-cached"
     framework = "jaxllm"
@@ -122,17 +127,29 @@ class JaxCached:
         self.config = config
         self.params = params
         self.dtype = jnp.dtype(dtype)
+        self.layout_s = None
+        self._decode_params = None
         self._compiled = None
         self._arguments = None
 
+    def _lay_out(self) -> DecodeParams:
+        if self._decode_params is None:
+            start = time.perf_counter()
+            self._decode_params = jax.block_until_ready(
+                _prepare_jit(self.params, self.config, self.dtype)
+            )
+            self.layout_s = time.perf_counter() - start
+        return self._decode_params
+
     def prepare(self, prompts: np.ndarray, new_tokens: int) -> float:
         """Compile for prompts [B, T] and `new_tokens`; returns the compile time in seconds."""
+        decode_params = self._lay_out()
         tokens = jnp.asarray(prompts, jnp.int32)
         mask = jnp.ones(prompts.shape, bool)
         # vocab_size is never emitted, so no row stops early.
         traced = dict(temperature=0.0, top_k=0, top_p=1.0, pad_id=0,
                       stop_ids=jnp.asarray([self.config.vocab_size], jnp.int32))
-        arguments = (self.params, tokens, mask, jax.random.key(0))
+        arguments = (decode_params, tokens, mask, jax.random.key(0))
         start = time.perf_counter()
         self._compiled = _generate_jit.lower(
             *arguments, config=self.config, max_new_tokens=new_tokens,
@@ -157,15 +174,25 @@ class JaxCachedScan(JaxCached):
     name = "jaxllm-cached-scan"
     layers = "scan"
 
+    def _lay_out(self):
+        if self._decode_params is None:
+            start = time.perf_counter()
+            decode_params = _prepare_jit(self.params, self.config, self.dtype)
+            stacked = jax.jit(stack_layers)(decode_params)
+            self._decode_params = jax.block_until_ready((decode_params, stacked))
+            self.layout_s = time.perf_counter() - start
+        return self._decode_params
+
     def prepare(self, prompts: np.ndarray, new_tokens: int) -> float:
+        decode_params, stacked = self._lay_out()
         tokens = jnp.asarray(prompts, jnp.int32)
         start = time.perf_counter()
         self._compiled = generate_greedy_scanned.lower(
-            self.params, tokens, config=self.config, max_new_tokens=new_tokens,
+            decode_params, stacked, tokens, config=self.config, max_new_tokens=new_tokens,
             compute_dtype=self.dtype,
         ).compile()
         seconds = time.perf_counter() - start
-        self._arguments = (self.params, tokens)
+        self._arguments = (decode_params, stacked, tokens)
         return seconds
 
     def generate(self) -> np.ndarray:

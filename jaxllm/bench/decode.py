@@ -4,7 +4,8 @@ One set of random weights (`init_params` with the settings' seed) serves every c
 torchref model loads the same float32 values, and for bfloat16 both sides cast them once.
 Every result carries, next to its tokens/s:
 
-- the compile time (JAX only), measured separately with ahead-of-time compilation;
+- the compile time (JAX only), measured separately with ahead-of-time compilation, and for
+  the cached JAX contenders the one-off time of `prepare_decode_params`;
 - the bytes that decoding must read (`roofline.decode_read_bytes`) per generated token;
 - the roofline tokens/s, those bytes streamed at the best bandwidth measured in the same run,
   and the achieved fraction of it;
@@ -197,6 +198,8 @@ def _measure(contender, settings: DecodeSettings, config, prompts, new_tokens, d
         "prompt_len": prompts.shape[1],
         "new_tokens": new_tokens,
         "compile_s": compile_s,
+        # Seconds to lay the weights out for decoding, once per case (None where not done).
+        "layout_s": getattr(contender, "layout_s", None),
         "weight_bytes": weight_bytes,
         "cache_bytes_per_cached_token": roofline.cache_bytes_per_token(
             config, jnp.dtype(dtype).itemsize),

@@ -1,5 +1,6 @@
 """The Llama 3 decoder: parameters, forward pass and its pieces."""
 
+from jaxllm.model.decode import DecodeParams, prepare_decode_params
 from jaxllm.model.layers import MASK_VALUE, MLP, Attention, Block, RMSNorm
 from jaxllm.model.rope import apply_rope, rope_angles, rope_inverse_frequencies
 from jaxllm.model.transformer import (
@@ -9,7 +10,6 @@ from jaxllm.model.transformer import (
     init_params,
     param_shapes,
     positions_from_mask,
-    unstack_layers,
 )
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "MLP",
     "Attention",
     "Block",
+    "DecodeParams",
     "RMSNorm",
     "Transformer",
     "apply_rope",
@@ -25,7 +26,7 @@ __all__ = [
     "init_params",
     "param_shapes",
     "positions_from_mask",
+    "prepare_decode_params",
     "rope_angles",
     "rope_inverse_frequencies",
-    "unstack_layers",
 ]

@@ -21,6 +21,31 @@ from jaxllm.model.rope import apply_rope
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
+def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float, dtype: Any = None) -> jnp.ndarray:
+    """Return `scale * x / rms(x)` computed in float32, cast to `dtype` (None keeps float32)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    out = scale * normed
+    return out if dtype is None else out.astype(dtype)
+
+
+def attend(q, keys, values, attn_mask, dtype: Any) -> jnp.ndarray:
+    """Grouped-query attention of q [B, T, N, H] over keys and values [B, S, K, H].
+
+    attn_mask: [B, T, S] bool, True where a query may attend to a key slot. Query head
+    n = k * G + g reads kv head k. Scores and softmax are float32. Returns [B, T, N, H].
+    """
+    B, T, N, H = q.shape
+    K = keys.shape[2]
+    q = q.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
+    scores = scores * (H ** -0.5)
+    scores = jnp.where(attn_mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    mixed = jnp.einsum("bkgts,bskh->btkgh", probs, values)
+    return mixed.reshape(B, T, N, H)
+
+
 class RMSNorm(nn.Module):
     """`scale * x / rms(x)` computed in float32 (arXiv:1910.07467, eq. 4, without the bias)."""
 
@@ -31,31 +56,28 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        out = scale * normed
-        return out if self.dtype is None else out.astype(self.dtype)
+        return rms_norm(x, scale, self.eps, self.dtype)
 
 
 class Attention(nn.Module):
-    """Causal grouped-query attention (arXiv:2305.13245) with RoPE and an optional KV buffer."""
+    """Causal grouped-query attention (arXiv:2305.13245) with RoPE, over the keys of one call.
+
+    Cached decoding runs `jaxllm.model.decode.decode_block`, the same math over fused weights.
+    """
 
     config: ModelConfig
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, attn_mask, kv=None, write_index=None):
-        """Attend from x [B, T, D] over the keys of this call or of a KV buffer.
+    def __call__(self, x, cos, sin, attn_mask):
+        """Attend from x [B, T, D] over the same T tokens.
 
-        attn_mask: [B, T, S] bool, True where a query may attend to a key slot.
-        kv: None, or this layer's (keys, values) buffers [B, S, K, H]; the T new keys and
-            values are written at slots [write_index, write_index + T) before attending.
-        Returns (out [B, T, D], (keys, values)) where the pair is the updated buffers, or the
-        T fresh keys and values when no buffer was given.
+        attn_mask: [B, T, T] bool, True where a query may attend to a key.
+        Returns (out [B, T, D], (k, v)) with the rotated keys and the values, each [B, T, K, H].
         """
         cfg = self.config
         init = nn.initializers.normal(cfg.init_std)
-        D, N, K, H, G = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.group_size
+        D, N, K, H = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_proj = self.param("q_proj", init, (D, N, H), jnp.float32).astype(self.dtype)
         k_proj = self.param("k_proj", init, (D, K, H), jnp.float32).astype(self.dtype)
         v_proj = self.param("v_proj", init, (D, K, H), jnp.float32).astype(self.dtype)
@@ -66,29 +88,10 @@ class Attention(nn.Module):
         k = apply_rope(jnp.einsum("btd,dkh->btkh", x, k_proj), cos, sin)
         v = jnp.einsum("btd,dkh->btkh", x, v_proj)
 
-        # 2. Write into the KV buffers at the shared write index; S becomes the buffer length.
-        if kv is not None:
-            keys, values = kv
-            start = (0, write_index, 0, 0)
-            keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), start)
-            values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), start)
-        else:
-            keys, values = k, v
-
-        # 3. Scores in float32: query head n = k * G + g reads kv head k.
-        B, T = x.shape[:2]
-        q = q.reshape(B, T, K, G, H)
-        scores = jnp.einsum(
-            "btkgh,bskh->bkgts", q, keys.astype(self.dtype), preferred_element_type=jnp.float32
-        )
-        scores = scores * (H ** -0.5)
-        scores = jnp.where(attn_mask[:, None, None, :, :], scores, MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-
-        # 4. Mix the values and project back: [B, T, N, H] -> [B, T, D].
-        mixed = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(self.dtype))
-        out = jnp.einsum("btnh,nhd->btd", mixed.reshape(B, T, N, H), o_proj)
-        return out, (keys, values)
+        # 2. Attend and project back: [B, T, N, H] -> [B, T, D].
+        mixed = attend(q, k, v, attn_mask, self.dtype)
+        out = jnp.einsum("btnh,nhd->btd", mixed, o_proj)
+        return out, (k, v)
 
 
 class MLP(nn.Module):
@@ -112,20 +115,18 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One pre-norm decoder layer: attention then MLP, each added to the residual stream.
 
-    Returns (x, kv). With `return_kv=False` kv is None, the (carry, output) form that a scan
-    over layers needs when it does not keep keys and values.
+    Returns (x, None), the (carry, output) form of a scan over layers.
     """
 
     config: ModelConfig
     dtype: Any
-    return_kv: bool = True
 
     @nn.compact
-    def __call__(self, x, cos, sin, attn_mask, kv=None, write_index=None):
+    def __call__(self, x, cos, sin, attn_mask):
         eps = self.config.norm_eps
-        attn_out, kv = Attention(self.config, self.dtype, name="attn")(
-            RMSNorm(eps, self.dtype, name="attn_norm")(x), cos, sin, attn_mask, kv, write_index
+        attn_out, _ = Attention(self.config, self.dtype, name="attn")(
+            RMSNorm(eps, self.dtype, name="attn_norm")(x), cos, sin, attn_mask
         )
         x = x + attn_out
         x = x + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="mlp_norm")(x))
-        return x, (kv if self.return_kv else None)
+        return x, None

@@ -1,15 +1,8 @@
 """The Llama 3 decoder and its pure forward pass `forward(params, tokens, positions, ...)`.
 
-Layer parameters are stacked on a leading L axis. Without a cache the layers run under
-`nn.scan`, which keeps compile time flat in depth. With a `KVCache` the layers are unrolled, so
-each layer reads its weights and updates its own cache buffer in place.
-
-Decoding loops should pass `unstack_layers(params)`: the same weights as L separate per-layer
-trees. XLA:CPU (jaxlib 0.10.2) copies a layer's weights out of the stacked array whenever a
-slice of it feeds a matmul, and inside a `lax.scan` over decode steps it repeats that copy at
-every step, which halved seed-190m decode speed (`python -m jaxllm.bench decode`, 2-core EPYC).
-Slicing once before the loop removes the copy from the loop body. A scan over layers slices at a
-traced index, so it cannot avoid the copy and stays unrolled here.
+Layer parameters are stacked on a leading L axis and the layers run under `nn.scan`, which
+keeps compile time flat in depth. With a `KVCache`, `forward` runs the cached pass of
+`jaxllm.model.decode` instead, over the same weights laid out for decoding.
 
 Llama 3 reference: arXiv:2407.21783. Departure: none in the math; RMSNorm multiplies the float32
 normalised activations by the weight before casting back (Hugging Face casts first), which
@@ -27,6 +20,7 @@ import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
 from jaxllm.kv_cache import KVCache
+from jaxllm.model.decode import DecodeParams, decode_forward, prepare_decode_params
 from jaxllm.model.layers import Block, RMSNorm
 from jaxllm.model.rope import rope_angles, rope_inverse_frequencies
 
@@ -38,7 +32,7 @@ class Transformer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens, positions, mask=None, cache: KVCache | None = None):
+    def __call__(self, tokens, positions, mask=None):
         cfg = self.config
         init = nn.initializers.normal(cfg.init_std)
         if mask is None:
@@ -50,82 +44,24 @@ class Transformer(nn.Module):
         inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         cos, sin = rope_angles(positions, inv_freq)
 
-        # 2. The layer stack: scanned without a cache, unrolled over the stacked params with one.
+        # 2. The layer stack, scanned over the stacked parameters.
         layers = nn.scan(
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
-        )(cfg, self.dtype, return_kv=False, name="layers")
-        if cache is None:
-            if not self.is_initializing() and _is_unstacked(self.variables["params"]["layers"]):
-                raise ValueError(
-                    "per-layer parameters from unstack_layers only work with a KVCache; pass "
-                    "the stacked parameters for a forward pass without a cache"
-                )
-            T = tokens.shape[1]
-            causal = jnp.tril(jnp.ones((T, T), bool))
-            attn_mask = causal[None, :, :] & mask[:, None, :]
-            x, _ = layers(x, cos, sin, attn_mask)
-        else:
-            x, cache = self._unrolled_layers(x, cos, sin, mask, cache)
+        )(cfg, self.dtype, name="layers")
+        T = tokens.shape[1]
+        causal = jnp.tril(jnp.ones((T, T), bool))
+        x, _ = layers(x, cos, sin, causal[None, :, :] & mask[:, None, :])
 
         # 3. Final norm and LM head in float32: logits [B, T, V].
         x = RMSNorm(cfg.norm_eps, name="final_norm")(x)
         if cfg.tie_embeddings:
-            logits = x @ embed.embedding.T
-        else:
-            head = self.param("lm_head", init, (cfg.embed_dim, cfg.vocab_size), jnp.float32)
-            logits = x @ head
-        return logits, cache
-
-    def _unrolled_layers(self, x, cos, sin, mask, cache: KVCache):
-        T = x.shape[1]
-        key_mask = jax.lax.dynamic_update_slice(cache.key_mask, mask, (0, cache.end))
-
-        # A query at slot end + t sees every earlier real slot. Causality is by slot, not by
-        # position, because left padding shifts positions per row but not slot order.
-        query_slots = cache.end + jnp.arange(T)
-        key_slots = jnp.arange(cache.max_len)
-        attn_mask = (key_slots[None, None, :] <= query_slots[None, :, None]) & key_mask[:, None, :]
-
-        layers = self.variables["params"]["layers"]
-        block = Block(self.config, self.dtype, parent=None)
-        keys, values = [], []
-        for i in range(self.config.num_layers):
-            if _is_unstacked(layers):
-                layer_params = layers[str(i)]
-            else:
-                layer_params = jax.tree.map(lambda leaf, i=i: leaf[i], layers)
-            kv = (cache.keys[i], cache.values[i])
-            x, (k, v) = block.apply({"params": layer_params}, x, cos, sin, attn_mask, kv, cache.end)
-            keys.append(k)
-            values.append(v)
-        cache = KVCache(keys=tuple(keys), values=tuple(values), key_mask=key_mask, end=cache.end + T)
-        return x, cache
-
-
-def _is_unstacked(layers) -> bool:
-    """True for the per-layer form of `unstack_layers` (keys "0" .. "L-1")."""
-    return "0" in layers
-
-
-def unstack_layers(params):
-    """Split the stacked layer parameters into L per-layer trees under keys "0" .. "L-1".
-
-    Every other entry is passed through unchanged. `forward` accepts the result only together
-    with a `KVCache`. Call it once outside a decode loop; inside a jitted function the split
-    costs one copy of the layer weights per call.
-    """
-    layers = params["layers"]
-    if _is_unstacked(layers):
-        return params
-    num_layers = jax.tree.leaves(layers)[0].shape[0]
-    per_layer = {
-        str(i): jax.tree.map(lambda leaf, i=i: leaf[i], layers) for i in range(num_layers)
-    }
-    return {**params, "layers": per_layer}
+            return x @ embed.embedding.T
+        head = self.param("lm_head", init, (cfg.embed_dim, cfg.vocab_size), jnp.float32)
+        return x @ head
 
 
 def positions_from_mask(mask: jnp.ndarray) -> jnp.ndarray:
@@ -147,10 +83,23 @@ def forward(
 
     tokens, positions: [B, T] int32. mask: [B, T] bool, True for real tokens (default all).
     With a cache the tokens are written at slots [cache.end, cache.end + T), and `params` may
-    be the per-layer form that `unstack_layers` returns.
+    be the `DecodeParams` that `prepare_decode_params` returns; without one they must be the
+    trained parameters.
     """
-    model = Transformer(config, compute_dtype)
-    return model.apply({"params": params}, tokens, positions, mask, cache)
+    if mask is None:
+        mask = jnp.ones(tokens.shape, bool)
+    if cache is not None:
+        decode_params = prepare_decode_params(params, config, compute_dtype)
+        return decode_forward(
+            decode_params, tokens, positions, mask, cache, config=config, compute_dtype=compute_dtype
+        )
+    if isinstance(params, DecodeParams):
+        raise ValueError(
+            "DecodeParams from prepare_decode_params only work with a KVCache; pass the "
+            "trained parameters for a forward pass without a cache"
+        )
+    logits = Transformer(config, compute_dtype).apply({"params": params}, tokens, positions, mask)
+    return logits, None
 
 
 @functools.partial(jax.jit, static_argnames="config")
