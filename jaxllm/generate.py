@@ -79,8 +79,9 @@ def generate(
     params: the trained parameters, or `prepare_decode_params(params, config, compute_dtype)`
     made once by a caller that generates many times; raw parameters are laid out for decoding
     inside every call. prompt_tokens, prompt_mask: [B, T]; every row needs at least one real
-    token, and the last column must be real (left padding). stop_ids: [num_stop] int32; a row stops after emitting
-    one of them. temperature, top_k, top_p: scalars or [B] arrays (see `sample_token`).
+    token, and the last column must be real (left padding). stop_ids: [num_stop] int32; a row
+    stops after emitting one of them. temperature, top_k, top_p: scalars or [B] arrays (see
+    `sample_token`).
     The knobs are cast to fixed dtypes here, so `temperature=1` and `temperature=1.0` share
     one compiled program.
     """

@@ -22,7 +22,8 @@ from jaxllm.config import load_config
 
 RESULT_FIELDS = {
     "contender", "framework", "cached", "layers", "dtype", "batch", "prompt_len", "new_tokens",
-    "compile_s", "layout_s", "weight_bytes", "cache_bytes_per_cached_token", "timing", "run_seconds",
+    "compile_s", "layout_s", "weight_bytes", "cache_bytes_per_cached_token", "timing",
+    "run_seconds",
     "tokens_per_s", "read_bytes", "bytes_per_token", "roofline_tokens_per_s",
     "roofline_fraction", "bandwidth_before_gb_per_s", "load_avg_1m_at_start", "foreign_cpu_cores",
     "attempts",

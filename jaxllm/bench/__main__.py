@@ -165,10 +165,12 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 def decode_tables(report: dict) -> str:
     results = markdown_table(
         ["contender", "dtype", "batch", "new tokens", "tokens/s", "timing", "compile s",
-         "layout s", "MB read/token", "roofline tokens/s", "of roofline", "GB/s before", "other procs (cores)"],
+         "layout s", "MB read/token", "roofline tokens/s", "of roofline", "GB/s before",
+         "other procs (cores)"],
         [[r["contender"], r["dtype"], r["batch"], r["new_tokens"], r["tokens_per_s"],
-          r["timing"], r["compile_s"], r["layout_s"], r["bytes_per_token"] / 1e6, r["roofline_tokens_per_s"],
-          r["roofline_fraction"], r["bandwidth_before_gb_per_s"], r["foreign_cpu_cores"]]
+          r["timing"], r["compile_s"], r["layout_s"], r["bytes_per_token"] / 1e6,
+          r["roofline_tokens_per_s"], r["roofline_fraction"], r["bandwidth_before_gb_per_s"],
+          r["foreign_cpu_cores"]]
          for r in report["results"]],
     )
     uncached = markdown_table(

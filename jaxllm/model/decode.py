@@ -37,24 +37,25 @@ from jaxllm.model.rope import apply_rope, rope_angles, rope_inverse_frequencies
 class DecodeParams:
     """Model weights in the decoding layout; see the module docstring."""
 
-    # [V, D] float32 token embedding.
+    # [V, D] token embedding, in the dtype of the trained parameters (as are head and norms).
     embed: jnp.ndarray
-    # [V, D] float32 LM head, [out, in]; None when the head is tied to the embedding.
+    # [V, D] LM head, [out, in]; None when the head is tied to the embedding.
     head: jnp.ndarray | None
-    # [D] float32 scale of the final RMSNorm.
+    # [D] scale of the final RMSNorm.
     final_norm: jnp.ndarray
     # One dict per layer: attn_norm [D], qkv [(N + 2K) * H, D], o [D, N * H], mlp_norm [D],
-    # gate_up [2F, D] and down [D, F]. Norm scales stay float32.
+    # gate_up [2F, D] and down [D, F]. Only the four kernels are cast to the compute dtype.
     layers: tuple[dict[str, jnp.ndarray], ...]
 
 
 def prepare_decode_params(params, config: ModelConfig, compute_dtype: Any = jnp.float32):
-    """Lay out trained parameters for decoding; `DecodeParams` input is only re-cast.
+    """Lay out trained parameters for decoding; `DecodeParams` input is checked and re-cast.
 
     Inside a jitted function this costs one copy of the layer weights per call, so a caller
     that decodes many times can prepare once and pass the result to `forward` or `generate`.
     """
     if isinstance(params, DecodeParams):
+        _check_layout(params, config)
         layers = tuple(_cast_kernels(layer, compute_dtype) for layer in params.layers)
         return params.replace(layers=layers)
 
@@ -88,6 +89,32 @@ def prepare_decode_params(params, config: ModelConfig, compute_dtype: Any = jnp.
         final_norm=params["final_norm"]["scale"],
         layers=tuple(layers),
     )
+
+
+def _check_layout(params: DecodeParams, config: ModelConfig) -> None:
+    """Raise ValueError unless `params` has the layer count, head and shapes of `config`."""
+    D, N, K, H = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
+    if len(params.layers) != config.num_layers:
+        raise ValueError(
+            f"DecodeParams have {len(params.layers)} layers but model.num_layers is "
+            f"{config.num_layers}; prepare them from parameters of this model"
+        )
+    if (params.head is None) != config.tie_embeddings:
+        raise ValueError(
+            f"DecodeParams were prepared for tie_embeddings={params.head is None} but "
+            f"model.tie_embeddings is {config.tie_embeddings}; prepare them for this model"
+        )
+    expected = {
+        "qkv": ((N + 2 * K) * H, D), "o": (D, N * H),
+        "gate_up": (2 * config.mlp_dim, D), "down": (D, config.mlp_dim),
+    }
+    for name, shape in expected.items():
+        actual = tuple(params.layers[0][name].shape)
+        if actual != shape:
+            raise ValueError(
+                f"DecodeParams kernel {name} has shape {actual} but this model needs {shape}; "
+                "prepare them from parameters of this model"
+            )
 
 
 def _cast_kernels(layer: dict, dtype: Any) -> dict:
@@ -173,8 +200,12 @@ def decode_forward(
     """Run T tokens [B, T] through the model, writing them at slots [cache.end, cache.end + T).
 
     Returns float32 logits [B, T, V] and the updated cache.
+    NOTE: cache.end is traced, so nothing checks that end + T fits in the buffer; past its end
+    `dynamic_update_slice` shifts the write back and the logits are wrong. `generate` sizes
+    its cache for the prompt plus every new token.
     """
-    x = params.embed[tokens].astype(compute_dtype)
+    # jnp.take, as nn.Embed does: an id outside the vocabulary embeds as NaN, not clamped.
+    x = jnp.take(params.embed, tokens, axis=0).astype(compute_dtype)
     inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
     cos, sin = rope_angles(positions, inv_freq)
     key_mask, attn_mask = decode_mask(mask, cache)

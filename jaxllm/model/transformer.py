@@ -91,7 +91,8 @@ def forward(
     if cache is not None:
         decode_params = prepare_decode_params(params, config, compute_dtype)
         return decode_forward(
-            decode_params, tokens, positions, mask, cache, config=config, compute_dtype=compute_dtype
+            decode_params, tokens, positions, mask, cache,
+            config=config, compute_dtype=compute_dtype,
         )
     if isinstance(params, DecodeParams):
         raise ValueError(
