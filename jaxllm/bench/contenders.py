@@ -132,14 +132,16 @@ class JaxCached:
         self._compiled = None
         self._arguments = None
 
-    def _lay_out(self) -> DecodeParams:
+    def _lay_out(self):
+        """Return the decoding weights, made (and timed as `layout_s`) on the first call."""
         if self._decode_params is None:
             start = time.perf_counter()
-            self._decode_params = jax.block_until_ready(
-                _prepare_jit(self.params, self.config, self.dtype)
-            )
+            self._decode_params = jax.block_until_ready(self._make_layout())
             self.layout_s = time.perf_counter() - start
         return self._decode_params
+
+    def _make_layout(self) -> DecodeParams:
+        return _prepare_jit(self.params, self.config, self.dtype)
 
     def prepare(self, prompts: np.ndarray, new_tokens: int) -> float:
         """Compile for prompts [B, T] and `new_tokens`; returns the compile time in seconds."""
@@ -174,14 +176,9 @@ class JaxCachedScan(JaxCached):
     name = "jaxllm-cached-scan"
     layers = "scan"
 
-    def _lay_out(self):
-        if self._decode_params is None:
-            start = time.perf_counter()
-            decode_params = _prepare_jit(self.params, self.config, self.dtype)
-            stacked = jax.jit(stack_layers)(decode_params)
-            self._decode_params = jax.block_until_ready((decode_params, stacked))
-            self.layout_s = time.perf_counter() - start
-        return self._decode_params
+    def _make_layout(self) -> tuple[DecodeParams, dict]:
+        decode_params = super()._make_layout()
+        return decode_params, jax.jit(stack_layers)(decode_params)
 
     def prepare(self, prompts: np.ndarray, new_tokens: int) -> float:
         decode_params, stacked = self._lay_out()

@@ -169,8 +169,9 @@ def decode_block(
 def decode_mask(mask: jnp.ndarray, cache: KVCache) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Return the cache's updated key mask [B, S] and the attention mask [B, T, S] of T queries.
 
-    A query at slot end + t sees every earlier real slot. Causality is by slot, not by
-    position, because left padding shifts positions per row but not slot order.
+    A query at slot end + t may attend to every real slot up to and including its own.
+    Causality is by slot, not by position, because left padding shifts positions per row but
+    not slot order.
     """
     T = mask.shape[1]
     key_mask = jax.lax.dynamic_update_slice(cache.key_mask, mask, (0, cache.end))
@@ -200,9 +201,9 @@ def decode_forward(
     """Run T tokens [B, T] through the model, writing them at slots [cache.end, cache.end + T).
 
     Returns float32 logits [B, T, V] and the updated cache.
-    NOTE: cache.end is traced, so nothing checks that end + T fits in the buffer; past its end
-    `dynamic_update_slice` shifts the write back and the logits are wrong. `generate` sizes
-    its cache for the prompt plus every new token.
+    NOTE: cache.end is traced, so nothing checks that end + T fits in the buffer. A write past
+    its end is shifted back by `dynamic_update_slice`, and the logits come out wrong.
+    `generate` sizes its cache for the prompt plus every new token.
     """
     # jnp.take, as nn.Embed does: an id outside the vocabulary embeds as NaN, not clamped.
     x = jnp.take(params.embed, tokens, axis=0).astype(compute_dtype)
